@@ -157,8 +157,11 @@ def read_volume(path: str | Path) -> Volume:
     path = Path(path)
     if not path.exists():
         raise InputError(f"CT not found: '{path}'. Check the path, or pass a DICOM folder.")
-    image, metadata = _read_dicom_series(path) if path.is_dir() else _read_file(path)
-    _check_spacing(image, path)
+    if path.is_dir():
+        image, metadata, reader = *_read_dicom_series(path), None
+    else:
+        image, metadata, reader = _read_file(path)
+    _check_spacing(image, path, reader)
     if image.GetDimension() == 2:
         image = sitk.JoinSeries(image)
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -171,7 +174,31 @@ def read_volume(path: str | Path) -> Volume:
     return volume
 
 
-def _read_file(path: Path) -> tuple[sitk.Image, dict]:
+def read_slice(path: str | Path, *, index: int | None = None, z_mm: float | None = None
+               ) -> tuple[Volume, AxialSlice]:
+    """A one-slice CT file as is, or one axial slice of a volume picked by index or z."""
+    volume = read_volume(path)
+    if index is None and z_mm is None:
+        if volume.n_axial_slices != 1:
+            raise InputError(
+                f"'{path}' is a volume with {volume.n_axial_slices} axial slices. Pick the "
+                "L3 slice with --slice N or --z MM."
+            )
+        index = 0
+    return volume, pick_slice(volume, index=index, z_mm=z_mm)
+
+
+def require_volume(volume: Volume, min_slices: int = 2, purpose: str = "this step") -> None:
+    """Refuse a single slice where a stack of axial slices is needed."""
+    if volume.n_axial_slices < min_slices:
+        raise InputError(
+            f"{volume.source or 'The input'} has {volume.n_axial_slices} axial slice(s), but "
+            f"{purpose} needs a CT volume of at least {min_slices}. Pass the whole series "
+            "(a DICOM folder or a 3D NIfTI/NRRD), not a single slice."
+        )
+
+
+def _read_file(path: Path) -> tuple[sitk.Image, dict, sitk.ImageFileReader]:
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -183,7 +210,7 @@ def _read_file(path: Path) -> tuple[sitk.Image, dict]:
             f"Use one of {', '.join(VOLUME_SUFFIXES)} or a DICOM series folder."
         ) from None
     metadata = {k: reader.GetMetaData(k) for k in reader.GetMetaDataKeys() if k == "0010|1020"}
-    return image, _dicom_metadata(metadata)
+    return image, _dicom_metadata(metadata), reader
 
 
 def _read_dicom_series(folder: Path) -> tuple[sitk.Image, dict]:
@@ -214,20 +241,44 @@ def _dicom_metadata(tags: dict) -> dict:
         return {}
 
 
-def _check_spacing(image: sitk.Image, path: Path) -> None:
+_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+
+
+def _check_spacing(image: sitk.Image, path: Path, reader: sitk.ImageFileReader | None) -> None:
     spacing = image.GetSpacing()
     if any(not np.isfinite(s) or s <= 0 for s in spacing):
         raise InputError(
             f"'{path}' has invalid pixel spacing {spacing}. Fix the header (e.g. set "
             "PixelSpacing in DICOM) before measuring areas."
         )
-    if image.GetDimension() >= 2 and all(s == 1.0 for s in spacing[:2]) and path.suffix in (
-        ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"
-    ):
+    reason = _missing_geometry_reason(path, reader) if reader is not None else None
+    if reason:
         raise InputError(
-            f"'{path}' is a picture file with no physical spacing. Export the CT slice "
-            "as DICOM, NIfTI or NRRD so areas in cm² are meaningful."
+            f"'{path}' {reason}, so areas in cm² and the overlay position would be guesses. "
+            "Export the CT again as DICOM, NIfTI or NRRD with its spacing and orientation."
         )
+
+
+def _missing_geometry_reason(path: Path, reader: sitk.ImageFileReader) -> str | None:
+    name = path.name.lower()
+    keys = set(reader.GetMetaDataKeys())
+    if name.endswith(_PICTURE_SUFFIXES):
+        return "is a picture file with no physical pixel spacing"
+    if name.endswith((".nrrd", ".nhdr")) and not _nrrd_has_spacing(path):
+        return "is a NRRD without 'space directions' or 'spacings'"
+    if name.endswith((".nii", ".nii.gz")) and {"qform_code", "sform_code"} <= keys and (
+        reader.GetMetaData("qform_code") == "0" and reader.GetMetaData("sform_code") == "0"
+    ):
+        return "is a NIfTI whose qform and sform codes are both 0 (no spacing/orientation)"
+    if "0008|0060" in keys and "0028|0030" not in keys and "0018|1164" not in keys:
+        return "is a DICOM file without PixelSpacing (0028,0030)"
+    return None
+
+
+def _nrrd_has_spacing(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        header = stream.read(8192).split(b"\n\n", 1)[0]
+    return b"space directions:" in header or b"spacings:" in header
 
 
 def check_ct_intensities(array: np.ndarray, source: str = "input") -> None:
@@ -267,15 +318,15 @@ def to_canonical(volume: Volume) -> sitk.Image:
 
 
 def _resample_axial(image: sitk.Image) -> sitk.Image:
+    size = np.asarray(image.GetSize()) - 1
     corners = [
-        image.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(
-            corner, image.GetSize())])
+        image.TransformContinuousIndexToPhysicalPoint((np.asarray(corner) * size).tolist())
         for corner in np.ndindex(2, 2, 2)
     ]
     lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
     spacing = np.full(3, min(image.GetSpacing()))
     spacing[2] = max(image.GetSpacing())
-    size = [int(np.ceil((h - low) / s)) + 1 for low, h, s in zip(lo, hi, spacing)]
+    size = (np.ceil((hi - lo) / spacing).astype(int) + 1).tolist()
     return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, lo.tolist(),
                          spacing.tolist(), np.eye(3).ravel().tolist(), -1024.0)
 

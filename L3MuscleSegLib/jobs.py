@@ -6,6 +6,7 @@ variables) go to the child only. Slicer's module uses the same runner with Pytho
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -96,10 +97,8 @@ def kill_tree(pid: int) -> None:
         return
     family = parent.children(recursive=True) + [parent]
     for process in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(family, timeout=10)
 
 
