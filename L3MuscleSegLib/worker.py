@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             slice_ = slice_from_array(data["pixels"], tuple(data["spacing_mm"]))
         segmenter = build_segmenter(args)
         result = segmenter.predict(slice_, progress=_print_progress)
-        summary = {"model": segmenter.provenance(), "qc": None if result.qc is None else result.qc.to_dict(),
+        summary = {"model": segmenter.provenance(),
+                   "qc": None if result.qc is None else result.qc.to_dict(),
                    "device": result.device, "tta": result.tta, "folds": list(result.folds),
                    "timings_s": result.timings}
         with atomic_path(args.output, overwrite=True) as temp, open(temp, "wb") as stream:
