@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from . import __version__
 from .errors import InputError
 from .export import write_full_volume_label, write_json, write_overlay_png, write_pair
 from .geometry import AxialSlice, Volume, canonical_from_source_image, pick_slice, read_volume
-from .metrics import MuscleMetrics, compute_slice_metrics
+from .metrics import MuscleMetrics, check_height, check_labels, compute_slice_metrics
 
+log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, str], None]
 REPORT_SUFFIX = "-report.json"
 _VERSIONED_PACKAGES = ("numpy", "SimpleITK", "torch", "nnunetv2")
@@ -91,7 +93,7 @@ def segment_slice(volume: Volume, slice_: AxialSlice, case_id: str, out_dir: str
     _refuse_existing_report(out_dir, case_id, overwrite)
     result = predictor.predict(slice_, progress=progress, cancel=cancel)
     return write_case(volume, slice_, result.labels, case_id, out_dir,
-                      height_m=height_m, reference=read_reference(slice_, reference_path),
+                      height_m=height_m, reference=_optional_labels(reference_path, slice_),
                       full_volume_label=full_volume_label, overwrite=overwrite,
                       inference=_inference_section(predictor, result), qc=_qc_section(result),
                       localization=localization)
@@ -105,8 +107,7 @@ def write_case(volume: Volume, slice_: AxialSlice, labels: np.ndarray, case_id: 
     """Measure ``labels`` on ``slice_`` and write the pair, overlay, optional volume label
     and, last, the JSON report. Also used for reviewed (hand-edited) segmentations."""
     out_dir = Path(out_dir)
-    height = height_m if height_m is not None else volume.metadata.get("patient_height_m")
-    metrics = compute_slice_metrics(slice_, labels, reference, height)
+    metrics = compute_slice_metrics(slice_, labels, reference, patient_height(height_m, volume))
     image_path, label_path = write_pair(out_dir, case_id, slice_, labels, overwrite)
     overlay_path = write_overlay_png(out_dir / f"{case_id}-overlay.png", slice_, labels,
                                      _overlay_title(case_id, slice_, inference), metrics,
@@ -134,17 +135,45 @@ def write_case(volume: Volume, slice_: AxialSlice, labels: np.ndarray, case_id: 
                       slice_, metrics)
 
 
-def read_reference(slice_: AxialSlice, path: str | Path | None) -> np.ndarray | None:
-    """A reference label map (one slice or a whole volume) on the slice's grid, by position."""
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise InputError(f"Reference label map not found: '{path}'. Check the path.")
+def read_labels_on_slice(path: str | Path, slice_: AxialSlice) -> np.ndarray:
+    """The label map resampled onto the slice's canonical grid by physical position."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Label map not found: '{path}'. Check the path.")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError:
-        raise InputError(f"'{path}' is not a label image SimpleITK can read.") from None
-    return canonical_from_source_image(slice_, image)
+        raise InputError(
+            f"'{path}' is not an image SimpleITK can read; give a NIfTI, NRRD or MHA label map."
+        ) from None
+    stored = check_labels(sitk.GetArrayViewFromImage(image), what=f"Label map '{path}'")
+    on_slice = canonical_from_source_image(slice_, image)
+    if stored.any() and not on_slice.any():
+        raise InputError(
+            f"Label map '{path}' has no labels at the CT slice (z = {slice_.z_mm:.1f} mm): it "
+            "belongs to another slice or volume."
+        )
+    return on_slice
+
+
+def _optional_labels(path: str | Path | None, slice_: AxialSlice) -> np.ndarray | None:
+    return None if path is None else read_labels_on_slice(path, slice_)
+
+
+def patient_height(explicit_m: float | None, volume: Volume) -> float | None:
+    """The given height, else a plausible DICOM PatientSize of the volume, else None."""
+    if explicit_m is not None:
+        return explicit_m
+    height = volume.metadata.get("patient_height_m")
+    if height is None:
+        return None
+    try:
+        check_height(height)
+    except InputError as err:
+        log.warning("Ignoring the DICOM patient height: %s", err)
+        return None
+    log.info("Using the DICOM patient height, %.2f m, for SMI.", height)
+    return height
 
 
 def package_versions() -> dict[str, str]:
