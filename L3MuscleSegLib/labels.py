@@ -36,9 +36,3 @@ NNUNET_LABELS: dict[str, int] = {"background": BACKGROUND} | {
     c.key: c.value for c in MUSCLE_CLASSES
 }
 
-
-def muscle_class(value: int) -> MuscleClass:
-    for cls in MUSCLE_CLASSES:
-        if cls.value == value:
-            return cls
-    raise KeyError(f"No muscle class has label value {value}; valid: 1, 2, 3.")
