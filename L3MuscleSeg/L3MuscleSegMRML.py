@@ -549,7 +549,7 @@ def export_case(out_dir: str | Path, case_id: str, volume_node, segmentation_nod
     ``-overlay.png``, ``-report.json``) plus ``<case>.seg.nrrd`` and ``<case>-metrics.csv``;
     append the row to ``cohort_csv`` if given. Existing files need ``overwrite``.
     ``localization`` (how the slice was chosen) goes into the report."""
-    from L3MuscleSegLib.export import check_writable, write_metrics_csv
+    from L3MuscleSegLib.export import check_writable
     from L3MuscleSegLib.pipeline import report_path, write_case
 
     out_dir = Path(out_dir)
@@ -562,13 +562,11 @@ def export_case(out_dir: str | Path, case_id: str, volume_node, segmentation_nod
     labels = labels_from_segmentation(segmentation_node, volume_node, slice_)
     reference = (None if reference_node is None
                  else reference_labels(reference_node, volume_node, slice_))
+    write_segmentation_file(segmentation_node, seg_path, overwrite)
     case = write_case(volume, slice_, labels, case_id, out_dir, height_m=height_m,
                       reference=reference, overwrite=overwrite, localization=localization,
+                      cohort_csv=cohort_csv, extra_outputs={"segmentation": seg_path.name},
                       **_provenance(segmentation_node))
-    write_segmentation_file(segmentation_node, seg_path, overwrite)
-    write_metrics_csv(csv_path, [case.row], overwrite=overwrite)
-    if cohort_csv is not None:
-        write_metrics_csv(cohort_csv, [case.row], append=True)
     return ExportedCase(case, seg_path, csv_path, None if cohort_csv is None else Path(cohort_csv))
 
 

@@ -22,13 +22,20 @@ import SimpleITK as sitk
 
 from . import __version__
 from .errors import InputError
-from .export import write_full_volume_label, write_json, write_overlay_png, write_pair
+from .export import (
+    write_full_volume_label,
+    write_json,
+    write_metrics_csv,
+    write_overlay_png,
+    write_pair,
+)
 from .geometry import AxialSlice, Volume, canonical_from_source_image, pick_slice, read_volume
 from .metrics import MuscleMetrics, check_height, check_labels, compute_slice_metrics
 
 log = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int, str], None]
 REPORT_SUFFIX = "-report.json"
+AUTO = "auto"  # slice choice: find L3 automatically
 _VERSIONED_PACKAGES = ("numpy", "SimpleITK", "torch", "nnunetv2")
 
 
@@ -70,42 +77,64 @@ def is_case_done(out_dir: str | Path, case_id: str) -> bool:
 
 
 def segment_case(ct_path: str | Path, case_id: str, out_dir: str | Path,
-                 predictor: Predictor, *, slice_index: int | None = None,
+                 predictor: Predictor, *, slice_index: int | str | None = None,
                  z_mm: float | None = None, height_m: float | None = None,
                  reference_path: str | Path | None = None, full_volume_label: bool = False,
-                 overwrite: bool = False, localization: dict | None = None,
+                 overwrite: bool = False, refuse_low_confidence: bool = False,
+                 cohort_csv: str | Path | None = None,
                  progress: ProgressCallback | None = None, cancel: Any = None) -> CaseResult:
-    """Segment and measure one CT at one axial slice, writing every per-case output."""
+    """Segment and measure one CT at one axial slice, writing every per-case output.
+
+    ``slice_index="auto"`` finds the mid-L3 slice by counting vertebrae; a doubtful answer
+    is refused when ``refuse_low_confidence``, and otherwise flagged for review.
+    """
     volume = read_volume(ct_path)
-    slice_ = pick_slice(volume, index=slice_index, z_mm=z_mm)
-    return segment_slice(volume, slice_, case_id, out_dir, predictor, height_m=height_m,
-                         reference_path=reference_path, full_volume_label=full_volume_label,
-                         overwrite=overwrite, localization=localization, progress=progress,
-                         cancel=cancel)
-
-
-def segment_slice(volume: Volume, slice_: AxialSlice, case_id: str, out_dir: str | Path,
-                  predictor: Predictor, *, height_m: float | None = None,
-                  reference_path: str | Path | None = None, full_volume_label: bool = False,
-                  overwrite: bool = False, localization: dict | None = None,
-                  progress: ProgressCallback | None = None, cancel: Any = None) -> CaseResult:
-    out_dir = Path(out_dir)
-    _refuse_existing_report(out_dir, case_id, overwrite)
+    localization = None
+    if slice_index == AUTO:
+        slice_, localization = locate_l3_slice(volume, case_id, out_dir,
+                                               refuse_low_confidence, overwrite)
+    else:
+        slice_ = pick_slice(volume, index=slice_index, z_mm=z_mm)
+    _refuse_existing_report(Path(out_dir), case_id, overwrite)
     result = predictor.predict(slice_, progress=progress, cancel=cancel)
     return write_case(volume, slice_, result.labels, case_id, out_dir,
                       height_m=height_m, reference=_optional_labels(reference_path, slice_),
                       full_volume_label=full_volume_label, overwrite=overwrite,
                       inference=_inference_section(predictor, result), qc=_qc_section(result),
-                      localization=localization)
+                      localization=localization, cohort_csv=cohort_csv)
+
+
+def locate_l3_slice(volume: Volume, case_id: str, out_dir: str | Path,
+                    refuse_low_confidence: bool, overwrite: bool = False
+                    ) -> tuple[AxialSlice, dict]:
+    """The automatic mid-L3 slice and its localisation record (preview PNG written beside
+    the outputs). A low-confidence answer is never used silently."""
+    from .localize import format_report, localize_l3, write_preview
+
+    located = localize_l3(volume)
+    log.info("L3 localisation of %s:\n%s", volume.source, format_report(located))
+    preview = write_preview(volume, located, Path(out_dir) / f"{case_id}-l3-locate.png",
+                            overwrite)
+    if not located.found or (located.needs_review and refuse_low_confidence):
+        raise InputError(
+            f"Automatic L3 localisation is not sure for '{volume.source}': {located.reason} "
+            f"Check the preview {preview}, then give the slice number, or accept the "
+            "proposed slice (--accept-low-confidence) to segment it flagged for review."
+        )
+    return (pick_slice(volume, z_mm=located.l3_z_mm),
+            located.to_dict() | {"preview": preview.name})
 
 
 def write_case(volume: Volume, slice_: AxialSlice, labels: np.ndarray, case_id: str,
                out_dir: str | Path, *, height_m: float | None = None,
                reference: np.ndarray | None = None, full_volume_label: bool = False,
                overwrite: bool = False, inference: dict | None = None, qc: dict | None = None,
-               localization: dict | None = None) -> CaseResult:
-    """Measure ``labels`` on ``slice_`` and write the pair, overlay, optional volume label
-    and, last, the JSON report. Also used for reviewed (hand-edited) segmentations."""
+               localization: dict | None = None, cohort_csv: str | Path | None = None,
+               extra_outputs: dict[str, str] | None = None) -> CaseResult:
+    """Measure ``labels`` on ``slice_`` and write the pair, overlay, optional volume label,
+    ``<case>-metrics.csv`` (and a row appended to ``cohort_csv``) and, last, the JSON
+    report. Also used for reviewed (hand-edited) segmentations. ``extra_outputs`` names
+    files the caller wrote beside them (e.g. Slicer's ``.seg.nrrd``) for the report."""
     out_dir = Path(out_dir)
     metrics = compute_slice_metrics(slice_, labels, reference, patient_height(height_m, volume))
     image_path, label_path = write_pair(out_dir, case_id, slice_, labels, overwrite)
@@ -117,7 +146,12 @@ def write_case(volume: Volume, slice_: AxialSlice, labels: np.ndarray, case_id: 
         volume_label = write_full_volume_label(out_dir / f"{case_id}-volume-label.nii.gz",
                                                volume, slice_, labels, overwrite)
         outputs["volume_label"] = volume_label.name
-    row = _cohort_row(case_id, volume, slice_, metrics, qc)
+    row = _cohort_row(case_id, volume, slice_, metrics, qc, localization)
+    metrics_csv = write_metrics_csv(out_dir / f"{case_id}-metrics.csv", [row],
+                                    overwrite=overwrite)
+    outputs |= {"metrics_csv": metrics_csv.name} | (extra_outputs or {})
+    if cohort_csv is not None:
+        write_metrics_csv(cohort_csv, [row], append=True)
     report = {
         "status": "ok",
         "case_id": case_id,
@@ -223,7 +257,9 @@ def _qc_section(result: Any) -> dict | None:
 
 
 def _cohort_row(case_id: str, volume: Volume, slice_: AxialSlice, metrics: MuscleMetrics,
-                qc: dict | None) -> dict:
+                qc: dict | None, localization: dict | None) -> dict:
+    qc_review = bool(qc and qc.get("review_recommended"))
+    l3_review = bool(localization and localization.get("needs_review"))
     return {
         "case_id": case_id,
         "source": volume.source,
@@ -231,7 +267,8 @@ def _cohort_row(case_id: str, volume: Volume, slice_: AxialSlice, metrics: Muscl
         "z_mm": round(slice_.z_mm, 3),
         **metrics.row(),
         "qc_score": None if qc is None else qc.get("score"),
-        "review_recommended": None if qc is None else qc.get("review_recommended"),
+        "l3_confidence": None if localization is None else localization.get("confidence"),
+        "review_recommended": qc_review or l3_review,
     }
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..pipeline import segment_case
+from ..pipeline import AUTO, segment_case
 from ._common import add_model_arguments, build_segmenter, stderr_progress
 from .metrics import format_table
 
@@ -17,8 +17,9 @@ HELP = "Segment psoas, paraspinal and abdominal-wall muscle on the L3 slice of a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ct", type=Path, help="CT: NIfTI, NRRD, MHA, DICOM folder or DICOM file")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--slice", type=_slice_index, metavar="N",
-                       help="axial slice index along the CT's superior-inferior array axis")
+    where.add_argument("--slice", type=_slice_index, metavar="N|auto",
+                       help="axial slice index along the CT's superior-inferior array axis, "
+                            "or 'auto' to find the mid-L3 slice by counting vertebrae")
     where.add_argument("--z", type=float, metavar="MM", help="axial slice nearest to LPS z (mm)")
     add_model_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
@@ -28,18 +29,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: DICOM PatientSize when present)")
     parser.add_argument("--reference", type=Path, metavar="LABEL",
                         help="reference label map, adds Dice and Jaccard")
+    parser.add_argument("--cohort-csv", type=Path, metavar="CSV",
+                        help="also append the case's metrics row to this cohort CSV")
     parser.add_argument("--volume-label", action="store_true",
                         help="also write a full-volume label map on the CT's grid")
+    parser.add_argument("--accept-low-confidence", action="store_true",
+                        help="with --slice auto, segment even when the L3 finder is unsure "
+                             "(the report and CSV still flag the case for review)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 
 def run(args: argparse.Namespace) -> int:
-    segmenter = build_segmenter(args)
     case_id = args.case_id or case_id_from_path(args.ct)
     result = segment_case(
-        args.ct, case_id, args.out, segmenter, slice_index=args.slice,
-        z_mm=args.z, height_m=args.height_m, reference_path=args.reference,
+        args.ct, case_id, args.out, build_segmenter(args), slice_index=args.slice, z_mm=args.z,
+        height_m=args.height_m, reference_path=args.reference,
         full_volume_label=args.volume_label, overwrite=args.overwrite,
+        refuse_low_confidence=not args.accept_low_confidence, cohort_csv=args.cohort_csv,
         progress=stderr_progress,
     )
     print(f"{case_id}: slice {result.slice_.index}, z = {result.slice_.z_mm:.1f} mm")
@@ -60,7 +66,10 @@ def case_id_from_path(path: Path) -> str:
     return name
 
 
-def _slice_index(text: str) -> int:
+def _slice_index(text: str) -> int | str:
+    if text == AUTO:
+        return AUTO
     if text.lstrip("-").isdigit():
         return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r} is not a slice number; give one such as 72.")
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a slice number; give one such as 72, or 'auto'.")
