@@ -113,6 +113,7 @@ def locate_l3_slice(volume: Volume, case_id: str, out_dir: str | Path,
 
     located = localize_l3(volume)
     log.info("L3 localisation of %s:\n%s", volume.source, format_report(located))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     preview = write_preview(volume, located, Path(out_dir) / f"{case_id}-l3-locate.png",
                             overwrite)
     if not located.found or (located.needs_review and refuse_low_confidence):
