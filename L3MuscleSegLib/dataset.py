@@ -154,7 +154,7 @@ class _CheckedPair:
     label: sitk.Image  # canonical LPS, uint8
 
 
-def check_pair(pair: CasePair, fix_geometry: bool = False
+def _check_pair(pair: CasePair, fix_geometry: bool = False
                ) -> tuple[_CheckedPair | None, list[Issue], list[Issue]]:
     """Validate one pair. Returns the canonical images (None on error), errors, warnings."""
     errors, warnings = [], []
@@ -285,13 +285,18 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
 
-def validate_pairs(folders, dataset_name: str = "", fix_geometry: bool = False
-                   ) -> tuple[DatasetReport, list[_CheckedPair]]:
-    """Check every pair; returns the report and the canonical pairs of the valid cases."""
+def validate_pairs(folders, fix_geometry: bool = False) -> DatasetReport:
+    """Check every pair without writing anything."""
+    return _validate(folders, "", fix_geometry)[0]
+
+
+def _validate(folders, dataset_name: str, fix_geometry: bool
+              ) -> tuple[DatasetReport, list[_CheckedPair]]:
+    """The report, and the canonical images of the valid cases."""
     pairs, errors = find_pairs(folders)
     warnings, checked = [], []
     for pair in pairs:
-        result, pair_errors, pair_warnings = check_pair(pair, fix_geometry)
+        result, pair_errors, pair_warnings = _check_pair(pair, fix_geometry)
         errors += pair_errors
         warnings += pair_warnings
         if result is not None:
@@ -315,7 +320,7 @@ def build_dataset(folders, dataset_id: int, name: str, out: str | Path, *,
     out = Path(out)
     destination = out / folder_name
     _check_destination(out, destination, dataset_id, force)
-    report, checked = validate_pairs(folders, folder_name, fix_geometry)
+    report, checked = _validate(folders, folder_name, fix_geometry)
     if not report.ok:
         return report
     out.mkdir(parents=True, exist_ok=True)

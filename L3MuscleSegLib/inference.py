@@ -13,8 +13,11 @@ from ``nnUNetv2_predict``, on purpose:
 
 * **Ensemble.** nnU-Net averages the folds' *logits* (then applies softmax). The study
   averages the folds' *softmax probabilities*, each resampled to the input grid first, and
-  takes the argmax of that mean. The label maps agree except at a few uncertain boundary
-  pixels (the fidelity test asks for Dice ≥ 0.99 per class); with one fold they are equal.
+  takes the argmax of that mean. When the folds agree, the label maps differ only at a few
+  uncertain boundary pixels (the fidelity test asks for Dice ≥ 0.99 per class); with one
+  fold they are identical. When one fold is confidently wrong (say, it misses the psoas),
+  the rules part: the probability mean follows the majority of folds, while a logit mean
+  can be pulled over by the one fold with the largest logits.
 * **Input.** The slice arrives as an array, not a file. It is given to nnU-Net as
   ``SimpleITKIO`` reads a 2D image: array ``(1 channel, 1, rows, cols)`` and spacing
   ``[999 × max(row mm, col mm), row mm, col mm]`` (SimpleITK's x, y spacing reversed to

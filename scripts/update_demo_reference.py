@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/update_demo_reference.py
 
-Run it only after retraining the demo model (scripts/train_demo_model.py); the test
-tests/test_demo_model.py then checks every later change against this prediction.
+TTA is off, as in the test. Run it only after retraining the demo model
+(scripts/train_demo_model.py); tests/test_demo_model.py then checks every later change
+against this prediction.
 """
 
 from pathlib import Path
@@ -22,7 +23,7 @@ SEED = 2_000_001  # outside the training seeds
 def main() -> None:
     phantom = make_phantom_slice(SEED, size=256)
     slice_ = slice_from_array(phantom.image, phantom.spacing_mm)
-    labels = Segmenter(DEMO_MODEL_DIR, device="cpu").predict(slice_).labels
+    labels = Segmenter(DEMO_MODEL_DIR, device="cpu", tta=False).predict(slice_).labels
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(REFERENCE, image=phantom.image.astype(np.float32), labels=labels,
                         spacing_mm=np.asarray(phantom.spacing_mm))

@@ -164,6 +164,8 @@ def test_every_broken_pair_is_reported_and_nothing_written(tmp_path):
     assert not (tmp_path / "raw").exists()
     text = report.format()
     assert "Nothing was written" in text and "[duplicate] twice" in text
+    checked_only = dataset.validate_pairs([tmp_path / "a", tmp_path / "b"])
+    assert kinds(checked_only.errors) == kinds(report.errors)
 
 
 def test_fix_geometry_copies_the_image_grid_onto_the_label(tmp_path):
