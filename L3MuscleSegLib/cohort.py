@@ -354,7 +354,7 @@ class CohortTable:
         return bool(new)
 
     def _frame(self, rows: list[dict]) -> pd.DataFrame:
-        return pd.DataFrame(rows, columns=self.columns)
+        return pd.DataFrame(rows, columns=self.columns).convert_dtypes()  # ints stay ints
 
 
 def finished_row(case: CohortCase, out_dir: Path) -> dict:

@@ -402,10 +402,20 @@ def resolve_device(requested: str = "auto") -> torch.device:
 
 
 def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """All available CPUs but one, left for the GUI and the rest of the system.
+
+    torch's idle threads spin while they wait for a busy core; on a 2-core machine with
+    other work, one thread ran the demo model 3–4× faster than two (benchmarks/README.md).
+    """
+    return max(1, available_cpus() - 1)
 
 
 @contextlib.contextmanager
@@ -457,9 +467,8 @@ class Segmenter:
 
     ``device``: "auto" (CUDA, else MPS, else CPU), "cpu", "cuda" or "mps"; an unavailable
     accelerator falls back to the CPU with a warning, and ``device`` records what is used.
-    ``num_threads``: torch's intra-op threads while predicting (default: the CPUs this
-    process may run on), restored afterwards. On a machine busy with other work, fewer
-    threads can be much faster: idle threads spin while waiting for a core.
+    ``num_threads``: torch's intra-op threads while predicting, restored afterwards
+    (default: :func:`default_threads`, every available CPU but one).
     """
 
     def __init__(self, model_dir: str | Path, folds: str | Sequence[int] = "all",
@@ -469,7 +478,7 @@ class Segmenter:
         self.info = validate_model_folder(model_dir, checkpoint, label_mapping, folds)
         self.device = resolve_device(device)
         self.tta = bool(tta)
-        self.num_threads = int(num_threads or available_cpus())
+        self.num_threads = int(num_threads or default_threads())
         self._predictor = self._load_predictor()
         self._lookup = _lookup_table(self.info.label_mapping)
         self._lock = threading.Lock()

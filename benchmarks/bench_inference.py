@@ -211,8 +211,8 @@ def main() -> None:
                         help="skip the nnUNetv2_predict_from_modelfolder path")
     parser.add_argument("--seed", type=int, default=3, help="phantom seed")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads for the Segmenter (default: every CPU it may use, "
-                             "as nnUNetv2_predict does)")
+                        help="torch threads for the Segmenter (default: its own default, every "
+                             "CPU but one; nnUNetv2_predict -device cpu always uses every CPU)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
@@ -224,7 +224,7 @@ def main() -> None:
         image = work / "slice.nii.gz"
         write_slice_nifti(phantom.image, phantom.spacing_mm, image)
         print(f"Input: phantom seed {args.seed}, 512×512 at {phantom.spacing_mm[0]:.2f} mm; "
-              f"{os.cpu_count()} CPUs; Segmenter threads: {args.threads or 'all'}; "
+              f"{os.cpu_count()} CPUs; Segmenter threads: {args.threads or 'default'}; "
               f"median of {repeats} run(s) per figure.")
         for name, model in models_to_measure(args, work):
             runs = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -134,3 +135,20 @@ def test_segment_auto_finds_l3_on_the_real_ct(tiny_model, sample_dir, tmp_path):
     k = report["input"]["slice_index"]
     assert label.GetOrigin() == pytest.approx(ct[:, :, k:k + 1].GetOrigin())
     assert label.GetDirection() == pytest.approx(ct.GetDirection())
+
+
+@pytest.mark.realdata
+def test_batch_accepts_auto_slices_and_records_the_localisation(tiny_model, sample_dir,
+                                                                tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"case_id,path,slice\nts,{sample_dir / 'example_ct.nii.gz'},auto\n"
+                        f"ts_small,{sample_dir / 'example_ct_sm.nii.gz'},auto\n")
+    out = tmp_path / "out"
+    code = main(["batch", str(manifest), "--model", str(tiny_model), "--out", str(out),
+                 *TINY])
+    assert code == 1  # the L2–T11 slab has no L3: recorded as failed, the run goes on
+    lines = (out / "cohort.csv").read_text().splitlines()
+    rows = {row["case_id"]: row for row in csv.DictReader(lines)}
+    assert rows["ts"]["l3_confidence"] == "high"
+    assert abs(int(rows["ts"]["slice_index"]) - 73) <= 3
+    assert "L3" in rows["ts_small"]["error"] or "localisation" in rows["ts_small"]["error"]
