@@ -249,3 +249,17 @@ def test_dicom_series_and_its_nifti_labels_align_by_physical_space(sample_dir):
         # Pairing by array index instead would put the labels upside down.
         naive = sitk.GetArrayFromImage(labels)[index] > 0
         assert not np.array_equal(naive, body)
+
+
+@pytest.mark.realdata
+def test_single_dicom_file_is_the_same_slice_as_in_its_series(sample_dir):
+    series = read_volume(sample_dir / "example_ct_dicom")
+    one_file = sorted((sample_dir / "example_ct_dicom").iterdir())[7]
+    volume, s = read_slice(one_file)
+    assert volume.n_axial_slices == 1
+    same = pick_slice(series, z_mm=s.z_mm)
+    np.testing.assert_array_equal(s.pixels, same.pixels)
+    assert s.z_mm == pytest.approx(same.z_mm)
+    assert s.spacing_mm == pytest.approx(same.spacing_mm)
+    assert s.geometry.canonical.origin == pytest.approx(same.geometry.canonical.origin)
+    assert s.geometry.canonical.direction == pytest.approx(same.geometry.canonical.direction)
