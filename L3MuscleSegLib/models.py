@@ -23,11 +23,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import InputError, ModelError
 from .export import atomic_path
-from .inference import ModelInfo, validate_model_folder
+
+if TYPE_CHECKING:  # inference imports torch: only load it when a model is checked
+    from .inference import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +260,8 @@ def _copy_model_files(folder: Path, staged: Path) -> None:
 
 
 def _validate(folder: Path, shown_as: str) -> ModelInfo:
+    from .inference import validate_model_folder
+
     try:
         return validate_model_folder(folder)
     except ModelError as err:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
-from nnunet_fixtures import SLICE_MM, SPACING_MM, cached_tiny_model, tiny_case
+from nnunet_fixtures import SLICE_MM, SPACING_MM, tiny_case
 
 from L3MuscleSegLib.cli import main
 from L3MuscleSegLib.cohort import (
@@ -47,15 +47,6 @@ outofrange,ct/p0.nii.gz,99,,,,
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def tiny_model(request, tmp_path_factory) -> Path:
-    """The tiny model, cached between runs as tests/test_inference.py caches it."""
-    cache = getattr(request.config, "cache", None)
-    root = (cache.mkdir("l3muscleseg-tiny-nnunet") if cache is not None
-            else tmp_path_factory.mktemp("tiny-nnunet"))
-    return cached_tiny_model(Path(root))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import InputError
+from ..geometry import VOLUME_SUFFIXES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,15 @@ def build_segmenter(args: argparse.Namespace):
 
     return Segmenter(resolve_model(args.model), folds=parse_folds(args.folds),
                      device=args.device, tta=args.tta, checkpoint=args.checkpoint)
+
+
+def case_id_from_path(path: Path) -> str:
+    """The file name without its image suffix (a DICOM folder keeps its name)."""
+    name = path.name
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def stderr_progress(done: int, total: int, message: str) -> None:

@@ -7,15 +7,8 @@ import sys
 from pathlib import Path
 
 from ..export import write_json
-from ..geometry import VOLUME_SUFFIXES, read_volume
-from ..localize import (
-    format_report,
-    l3_z_from_totalseg,
-    localize_l3,
-    run_totalsegmentator,
-    with_second_opinion,
-    write_preview,
-)
+from ..geometry import read_volume
+from ._common import case_id_from_path
 
 NAME = "locate"
 HELP = ("Find the mid-vertebral L3 slice of a CT by counting vertebrae (no model weights); "
@@ -39,6 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..localize import (  # scipy.signal: only when locating
+        format_report,
+        l3_z_from_totalseg,
+        localize_l3,
+        run_totalsegmentator,
+        with_second_opinion,
+        write_preview,
+    )
+
     volume = read_volume(args.ct)
     loc = localize_l3(volume)
     if args.totalsegmentator:
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         loc = with_second_opinion(loc, l3_z_from_totalseg(labels))
     print(format_report(loc))
     if not args.no_preview:
-        preview = args.preview or Path(f"{_case_id(args.ct)}-l3-locate.png")
+        preview = args.preview or Path(f"{case_id_from_path(args.ct)}-l3-locate.png")
         write_preview(volume, loc, preview, overwrite=args.overwrite)
         print(f"Wrote {preview}", file=sys.stderr)
     if args.json:
@@ -57,11 +59,3 @@ def run(args: argparse.Namespace) -> int:
               "preview and pick the slice by hand (segment --slice N).", file=sys.stderr)
         return 1
     return 0
-
-
-def _case_id(path: Path) -> str:
-    name = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name

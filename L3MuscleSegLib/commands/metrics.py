@@ -11,6 +11,7 @@ from ..export import check_writable, write_json, write_metrics_csv
 from ..geometry import read_slice
 from ..metrics import TABLE_COLUMNS, MuscleMetrics, compute_slice_metrics
 from ..pipeline import patient_height, read_labels_on_slice
+from ._common import case_id_from_path
 
 NAME = "metrics"
 HELP = "Measure muscle area, HU, IMAT, Dice and SMI on a CT slice from a label map."
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     reference = None if args.reference is None else read_labels_on_slice(args.reference, slice_)
     result = compute_slice_metrics(slice_, labels, reference, patient_height(args.height_m, volume))
     print(format_table(result))
-    row = {"case_id": args.case_id or _case_id(args.image), "image": str(args.image),
+    case_id = args.case_id or case_id_from_path(args.image).removesuffix("-image")
+    row = {"case_id": case_id, "image": str(args.image),
            "label": str(args.label), "reference": str(args.reference or ""),
            "slice_index": slice_.index, "z_mm": slice_.z_mm, **result.row()}
     if args.csv is not None:
@@ -96,5 +98,3 @@ def _cell(key: str, value) -> str:
     return _FORMATS.get(key, "{}").format(value)
 
 
-def _case_id(image: Path) -> str:
-    return Path(image.name.removesuffix(".gz")).stem.removesuffix("-image")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..pipeline import AUTO, segment_case
-from ._common import add_model_arguments, build_segmenter, stderr_progress
+from ._common import add_model_arguments, build_segmenter, case_id_from_path, stderr_progress
 from .metrics import format_table
 
 NAME = "segment"
@@ -56,14 +56,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"Fold agreement (QC): {qc:.3f}{flag}")
     print(f"Wrote {result.report_path.parent}/{case_id}-*", file=sys.stderr)
     return 0
-
-
-def case_id_from_path(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _slice_index(text: str) -> int | str:
