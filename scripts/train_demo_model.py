@@ -8,8 +8,8 @@ Steps (each skipped when its output already exists, so an interrupted run resume
    half 256 × 256 (1.4–1.8 mm pixels) and half 512 × 512 (0.6–1.0 mm), some with ascites;
 2. ``l3muscleseg dataset build`` (library call) into an nnU-Net raw folder;
 3. nnU-Net's own fingerprint and plan, then a smaller 2d network in the plans (fewer
-   features, 2 mm pixels, smaller patch) so that training fits about 30 minutes on 2 CPU
-   cores, then nnU-Net's 2d preprocessing;
+   features, 2 mm pixels, smaller patch) so that the whole run fits 30 minutes on 2 CPU
+   cores (16 min measured on an idle machine), then nnU-Net's 2d preprocessing;
 4. a warm-up run of nnU-Net's standard trainer on a second phantom set (other seeds, same
    plans, as ``nnUNetv2_move_plans_between_datasets`` would copy them), then each
    cross-validation fold started from all of its weights and fine-tuned with a short
