@@ -410,12 +410,14 @@ def available_cpus() -> int:
 
 
 def default_threads() -> int:
-    """All available CPUs but one, left for the GUI and the rest of the system.
+    """Every available CPU, as ``nnUNetv2_predict -device cpu`` uses.
 
-    torch's idle threads spin while they wait for a busy core; on a 2-core machine with
-    other work, one thread ran the demo model 3–4× faster than two (benchmarks/README.md).
+    On an idle 2-core machine two threads ran the default-size network 1.7× faster than
+    one (benchmarks/README.md). When other work keeps the cores busy, torch's idle threads
+    spin while they wait and fewer threads are faster: pass ``num_threads`` (CLI
+    ``--threads``) then.
     """
-    return max(1, available_cpus() - 1)
+    return available_cpus()
 
 
 @contextlib.contextmanager
@@ -468,7 +470,7 @@ class Segmenter:
     ``device``: "auto" (CUDA, else MPS, else CPU), "cpu", "cuda" or "mps"; an unavailable
     accelerator falls back to the CPU with a warning, and ``device`` records what is used.
     ``num_threads``: torch's intra-op threads while predicting, restored afterwards
-    (default: :func:`default_threads`, every available CPU but one).
+    (default: :func:`default_threads`, every available CPU).
     """
 
     def __init__(self, model_dir: str | Path, folds: str | Sequence[int] = "all",

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 from nnunet_fixtures import SLICE_MM, SPACING_MM, tiny_case
 
-from L3MuscleSegLib.cli import main
+from L3MuscleSegLib.cli import build_parser, main
+from L3MuscleSegLib.commands._common import build_segmenter
 from L3MuscleSegLib.geometry import Geometry, Volume
 
 TINY = ["--device", "cpu", "--no-tta"]
@@ -109,6 +110,15 @@ def test_bad_usage_exits_2(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["segment", "ct", "--slice", "middle", "--model", "x", "--out", "o"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "ct", "--slice", "1", "--model", "x", "--out", "o", "--threads", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_threads_option_reaches_the_segmenter(tiny_model):
+    args = build_parser().parse_args(["segment", "ct", "--slice", "0", "--model",
+                                      str(tiny_model), "--out", "o", "--threads", "1"])
+    assert build_segmenter(args).num_threads == 1
 
 
 def test_incomplete_model_folder_is_named(tmp_path, capsys):

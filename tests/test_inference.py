@@ -235,8 +235,9 @@ def test_auto_device_prefers_an_accelerator():
     assert resolve_device("auto").type == expected
 
 
-def test_default_threads_leave_one_cpu_free(tiny_model):
-    assert Segmenter(tiny_model, device="cpu").num_threads == max(1, available_cpus() - 1)
+def test_threads_default_to_every_available_cpu_and_can_be_set(tiny_model):
+    assert Segmenter(tiny_model, device="cpu").num_threads == available_cpus()
+    assert Segmenter(tiny_model, device="cpu", num_threads=1).num_threads == 1
 
 
 # ---------------------------------------------------------------- predict

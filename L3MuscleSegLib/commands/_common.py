@@ -21,6 +21,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="turn test-time mirroring off (faster, slightly less robust)")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth",
                         choices=("checkpoint_final.pth", "checkpoint_best.pth"))
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="CPU threads for inference (default: every available CPU, as "
+                             "nnUNetv2_predict; fewer when the machine is busy with other work)")
 
 
 def parse_folds(text: str) -> str | list[int]:
@@ -36,7 +39,8 @@ def build_segmenter(args: argparse.Namespace):
     from ..models import resolve_model
 
     return Segmenter(resolve_model(args.model), folds=parse_folds(args.folds),
-                     device=args.device, tta=args.tta, checkpoint=args.checkpoint)
+                     device=args.device, tta=args.tta, checkpoint=args.checkpoint,
+                     num_threads=args.threads)
 
 
 def case_id_from_path(path: Path) -> str:
@@ -46,6 +50,12 @@ def case_id_from_path(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _positive_int(text: str) -> int:
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number, such as 2.")
 
 
 def stderr_progress(done: int, total: int, message: str) -> None:

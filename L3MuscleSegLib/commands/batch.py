@@ -52,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
 def segmenter_factory(args: argparse.Namespace) -> functools.partial:
     """A picklable recipe that builds the segmenter inside each worker process.
 
-    Local workers share this machine's CPUs; Dask workers use what their machine has.
+    Local workers share this machine's CPUs (or use ``--threads`` each); Dask workers use
+    what their machine has.
     """
     from ..inference import Segmenter, available_cpus
     from ..models import resolve_model
 
-    threads = None if args.scheduler else max(1, available_cpus() // max(1, args.workers))
+    threads = args.threads or (
+        None if args.scheduler else max(1, available_cpus() // max(1, args.workers)))
     return functools.partial(Segmenter, resolve_model(args.model).resolve(),
                              folds=parse_folds(args.folds), device=args.device, tta=args.tta,
                              checkpoint=args.checkpoint, num_threads=threads)
