@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3, help="phantom seed")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the Segmenter (default: its own default, every "
-                             "CPU but one; nnUNetv2_predict -device cpu always uses every CPU)")
+                             "available CPU, as nnUNetv2_predict -device cpu always uses)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
 
