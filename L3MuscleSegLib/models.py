@@ -384,7 +384,8 @@ def resolve_model(name_or_dir: str | Path, root: str | Path | None = None) -> Pa
     """A model folder from a directory path, NAME, or NAME:VERSION (latest when not given).
 
     An existing directory wins over an installed name; a value with a path separator that is
-    not a directory is an error, never looked up as a name.
+    not a directory is an error, never looked up as a name. ``demo``, when no model of that
+    name is installed, is the bundled demo model (not for clinical use).
     """
     text = str(name_or_dir)
     path = Path(text).expanduser()
@@ -394,7 +395,13 @@ def resolve_model(name_or_dir: str | Path, root: str | Path | None = None) -> Pa
         raise ModelError(f"Model folder {text} does not exist; pass an existing nnU-Net model "
                          "folder or the NAME[:VERSION] of an installed model.")
     name, _, version = text.partition(":")
-    return find_model(name, version or None, root).path
+    try:
+        return find_model(name, version or None, root).path
+    except ModelError:
+        if text == DEMO_MODEL_NAME and DEMO_MODEL_DIR.is_dir():
+            log.info("Using the bundled demo model (demo, not for clinical use).")
+            return DEMO_MODEL_DIR
+        raise
 
 
 def version_key(version: str) -> tuple:

@@ -330,6 +330,16 @@ def test_resolve_model_by_dir_name_and_version(model_dir, root, tmp_path):
         models.resolve_model("l3", root=tmp_path / "empty_store")
 
 
+def test_demo_name_is_the_bundled_model_unless_one_is_installed(model_dir, tmp_path):
+    empty = tmp_path / "empty_store"
+    assert models.resolve_model("demo", root=empty) == models.DEMO_MODEL_DIR
+    with pytest.raises(ModelError, match="installed: none"):
+        models.resolve_model("demo:1", root=empty)
+    store = tmp_path / "store"
+    models.install_model(model_dir, name="demo", version="7", root=store)
+    assert models.resolve_model("demo", root=store) == store / "demo" / "7"
+
+
 def test_store_root_comes_from_argument_then_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(models.STORE_ENV, raising=False)
     assert models.store_root() == Path.home() / ".l3muscleseg" / "models"
