@@ -96,5 +96,3 @@ def _cell(key: str, value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return _FORMATS.get(key, "{}").format(value)
-
-
