@@ -509,7 +509,7 @@ class L3MuscleSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._follower = MetricsFollower(segmentation, self._recomputeMetrics,
                                              schedule=self._scheduleMetrics,
                                              on_error=self._showMetricsProblem)
-            self._scheduleMetrics(self._recomputeMetricsReporting)
+            self._refreshMetrics()
         self._showQuality()
 
     def _bindSegmentEditor(self, node) -> None:
@@ -770,7 +770,7 @@ class L3MuscleSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             running.volume, running.axialSlice, running.job.result.labels, node.segmentation,
             overwrite_edits=running.overwriteEdits, result=running.job.result.summary)
         node.segmentation = segmentation
-        self._scheduleMetrics(self._recomputeMetricsReporting)
+        self._refreshMetrics()
         self._showQuality()
 
     # ------------------------------------------------------------ metrics
@@ -790,13 +790,11 @@ class L3MuscleSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if inputs != self._metricsInputs:
             self._metricsInputs = inputs
             if node.segmentation is not None:
-                self._scheduleMetrics(self._recomputeMetricsReporting)
+                self._refreshMetrics()
 
-    def _recomputeMetricsReporting(self) -> None:
-        try:
-            self._recomputeMetrics()
-        except L3MuscleSegError as err:
-            self._showMetricsProblem(err)
+    def _refreshMetrics(self) -> None:
+        if self._follower is not None:
+            self._follower.refresh()
 
     def _recomputeMetrics(self) -> None:
         node = self._parameterNode

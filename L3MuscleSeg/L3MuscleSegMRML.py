@@ -516,6 +516,10 @@ class MetricsFollower:
                       for event in _SEGMENT_EVENTS]
 
     def _changed(self, caller, event) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute as after an edit: for changes the segment events do not cover."""
         self._schedule(self._run)
 
     def _run(self) -> None:

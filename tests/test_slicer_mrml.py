@@ -408,6 +408,8 @@ def test_table_follows_edits_of_the_segmentation(mrml, phantom):
     assert 0 < (edited == 3).sum() < (labels[MIDDLE] == 3).sum()
     assert_table_matches(table, compute_metrics(volume.array[MIDDLE], edited, (0.7, 0.8),
                                                 height_m=1.7))
+    follower.refresh()  # e.g. the height changed: recompute without an edit
+    assert scheduler.flush() == 1
     follower.stop()
     erase_half(segmentation, "psoas", node)
     assert scheduler.flush() == 0
